@@ -1,0 +1,34 @@
+"""Train a PET image classifier: `python train.py --config CONFIG --workdir DIR`.
+
+Config values can be overridden on the command line, e.g.
+`--config.data_dir=PATH --config.weights=WEIGHTS --config.num_epochs=20`.
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+
+import logging
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from flax_pet import experiment
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and logs.')
+config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.basicConfig(
+      level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True
+  )
+  # Orbax logs every checkpoint step through absl at INFO; keep warnings only.
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
