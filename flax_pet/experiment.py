@@ -229,7 +229,7 @@ class CachedFeatureTrainer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Train the classifier as the config says and evaluate it on val and test.
+  """Train the classifier as configured and evaluate it on val and test.
 
   Args:
     config: see `configs/seed.py` for every key.
@@ -269,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   backbone = load_backbone_weights(config)
   resolved = config.to_dict()
   resolved.update(
+      data_root=str(dataset.prepared.root),
       class_names=class_names,
       input_convention=backbone.input_convention,
       weights_provenance=backbone.provenance,

@@ -39,6 +39,27 @@ def top_block_names(count: int) -> tuple[str, ...]:
   return tuple(f'block8_{i}' for i in range(11 - count, 11)) + ('conv_7b',)
 
 
+def create_optimizer(backbone_lr_multiplier: float) -> optax.GradientTransformation:
+  """Adam for params {'head', 'backbone'}; the backbone's rate is scaled.
+
+  The learning rate is an injected hyperparameter, set before each epoch.
+  """
+
+  def adam_pair(learning_rate):
+    return optax.multi_transform(
+        {
+            'head': optax.adam(learning_rate, eps=1e-7),
+            'backbone': optax.adam(learning_rate * backbone_lr_multiplier, eps=1e-7),
+        },
+        lambda params: {
+            'head': jax.tree_util.tree_map(lambda _: 'head', params['head']),
+            'backbone': jax.tree_util.tree_map(lambda _: 'backbone', params['backbone']),
+        },
+    )
+
+  return optax.inject_hyperparams(adam_pair)(learning_rate=0.0)
+
+
 class FullNetworkTrainer:
   """Trains head (and optionally the backbone's top) on images, step by step."""
 
@@ -58,7 +79,7 @@ class FullNetworkTrainer:
     self.head = models.ClassifierHead(
         len(dataset.class_names), config.hidden_units, config.dropout_rate
     )
-    self.tx = self._optimizer(config.backbone_lr_multiplier)
+    self.tx = create_optimizer(config.backbone_lr_multiplier)
     self._train_step = jax.jit(self._step)
     self._forward = jax.jit(
         lambda params, pixels, labels, mask: self._logits_and_loss(
@@ -69,21 +90,6 @@ class FullNetworkTrainer:
         'Full-network training; fine-tuned backbone modules: %s.',
         ', '.join(self.trainable_blocks) or 'none',
     )
-
-  @staticmethod
-  def _optimizer(multiplier: float):
-    def adam_pair(learning_rate):
-      return optax.multi_transform(
-          {
-              'head': optax.adam(learning_rate, eps=1e-7),
-              'backbone': optax.adam(learning_rate * multiplier, eps=1e-7),
-          },
-          lambda params: {
-              'head': jax.tree_util.tree_map(lambda _: 'head', params['head']),
-              'backbone': jax.tree_util.tree_map(lambda _: 'backbone', params['backbone']),
-          },
-      )
-    return optax.inject_hyperparams(adam_pair)(learning_rate=0.0)
 
   def init_state(self, rng) -> training.TrainState:
     head_params = self.head.init(rng, jnp.zeros((1, models.FEATURE_CHANNELS)))['params']

@@ -7,7 +7,7 @@ Two file layouts are accepted, both written by Keras' legacy HDF5 code
   `RadImageNet-IRV2_notop.h5`): a root attribute `layer_names`, one group per
   layer with an attribute `weight_names`, arrays at `<layer>/<weight name>`;
 - a whole saved model (`model.save('x.h5')`): the same tree under
-  `model_weights/`. When the backbone is a nested model, its group holds the
+  `model_weights/`. When the backbone is a nested model, its group contains the
   weights of all its layers, named `<layer>/<weight>`; when the model was
   built from `base_model.output`, the backbone layers sit at the top level.
   Dense layers after the backbone are imported as the classifier head.

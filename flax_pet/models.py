@@ -6,12 +6,12 @@ layer for layer, so that RadImageNet's Keras weights load into it unchanged:
     Szegedy, Ioffe, Vanhoucke, Alemi. "Inception-v4, Inception-ResNet and the
     Impact of Residual Connections on Learning", AAAI 2017 (arXiv:1602.07261).
 
-Keras details reproduced here, each of which changes the output measurably:
-convolutions without bias followed by BatchNorm without scale (epsilon 1e-3);
-'valid' padding on every stride-2 layer and the stem, 'same' elsewhere; the
-average pool in mixed_5b excludes padding from its count; residual branches
-are scaled by 0.17 (block35), 0.1 (block17) and 0.2 (block8) before the sum;
-the last block8 has scale 1.0 and no activation.
+Each of these Keras details changes the output measurably, so all are kept:
+- convolutions without bias, followed by BatchNorm without scale (epsilon 1e-3);
+- 'valid' padding on every stride-2 layer and in the stem, 'same' elsewhere;
+- the average pool in mixed_5b excludes padding from its count;
+- residual branches are scaled by 0.17 (block35), 0.1 (block17) and 0.2
+  (block8) before the sum, and the last block8 has scale 1.0 and no ReLU.
 
 Why flax.linen rather than flax.nnx: the backbone is a frozen, pure function of
 (variables, images). Linen gives exactly that (`model.apply`), its variables are

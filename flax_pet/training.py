@@ -77,7 +77,7 @@ def make_mesh(batch_size: int) -> jax.sharding.Mesh:
 def shard_batches(array: np.ndarray, mesh) -> jax.Array:
   """Place a host array [steps, batch, ...] with its batch axis on 'data'.
 
-  Every process holds the whole array (features are small), so each device
+  Every process has the whole array (features are small), so each device
   takes its slice; this works on one host and on several.
   """
   sharding = NamedSharding(mesh, P(None, 'data'))

@@ -1,0 +1,262 @@
+"""A trained classifier restored from its workdir, and its predictions.
+
+`load_trained(workdir, checkpoint)` rebuilds everything `train.py` left: the
+resolved config, class names, input convention, the backbone variables (with
+fine-tuned blocks merged in) and the head parameters of the chosen checkpoint.
+`predict_probabilities` then runs preprocessing, backbone and head on 0..255
+RGB pixels in fixed-size batches.
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from flax_pet import checkpoints
+from flax_pet import data
+from flax_pet import experiment
+from flax_pet import finetune
+from flax_pet import models
+from flax_pet import preprocessing
+from flax_pet import training
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedClassifier:
+  """Everything needed to run a trained classifier.
+
+  Attributes:
+    workdir: the training run's folder.
+    config: the resolved config (config.json) as a dict.
+    class_names: label i is class_names[i].
+    input_convention: pixel mapping applied before the backbone.
+    backbone: {'params', 'batch_stats'} of the backbone, fine-tuned blocks
+      included.
+    head: {'params'} of the classifier head.
+    checkpoint: which checkpoint, e.g. 'best (epoch 12)'.
+  """
+
+  workdir: Path
+  config: dict
+  class_names: list[str]
+  input_convention: str
+  backbone: dict
+  head: dict
+  checkpoint: str
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config['image_size'])
+
+  @property
+  def resize(self) -> str:
+    return self.config['resize']
+
+  @property
+  def head_module(self) -> models.ClassifierHead:
+    return models.ClassifierHead(
+        len(self.class_names), self.config['hidden_units'], self.config['dropout_rate']
+    )
+
+
+def _state_template(config: dict, num_classes: int, backbone_params: dict) -> training.TrainState:
+  head = models.ClassifierHead(num_classes, config['hidden_units'], config['dropout_rate'])
+  head_params = head.init(jax.random.key(0), jnp.zeros((1, models.FEATURE_CHANNELS)))['params']
+  if config['mode'] == 'full_network':
+    blocks = finetune.top_block_names(config['unfreeze_top_blocks'])
+    params = {'head': head_params, 'backbone': {k: backbone_params[k] for k in blocks}}
+    tx = finetune.create_optimizer(config['backbone_lr_multiplier'])
+  else:
+    params = head_params
+    tx = training.create_optimizer()
+  return training.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def load_trained(workdir: str | Path, checkpoint: str = 'best') -> TrainedClassifier:
+  """Restore a trained classifier from a `train.py` workdir.
+
+  Args:
+    workdir: the folder passed to `train.py --workdir`.
+    checkpoint: 'best' (lowest validation loss, what early stopping keeps),
+      'latest', or a saved epoch number (0-based, as in metrics.jsonl).
+
+  Returns:
+    The classifier.
+
+  Raises:
+    FileNotFoundError: if the workdir lacks config.json, the backbone or the
+      requested checkpoint.
+  """
+  workdir = Path(workdir).absolute()
+  config_path = workdir / experiment.CONFIG_FILE
+  if not config_path.is_file():
+    raise FileNotFoundError(
+        f'{config_path} not found: {workdir} is not a finished or running '
+        'train.py workdir.'
+    )
+  config = json.loads(config_path.read_text())
+  class_names = list(config['class_names'])
+
+  backbone_target = jax.eval_shape(
+      models.InceptionResNetV2().init, jax.random.key(0), jnp.zeros((1, 299, 299, 3))
+  )
+  backbone = ocp.StandardCheckpointer().restore(workdir / experiment.BACKBONE_DIR, backbone_target)
+
+  if checkpoint in (checkpoints.BEST, checkpoints.LATEST):
+    kind, epoch = checkpoint, None
+  else:
+    try:
+      kind, epoch = checkpoints.LATEST, int(checkpoint)
+    except ValueError:
+      raise ValueError(
+          f"--checkpoint must be 'best', 'latest' or an epoch number, got {checkpoint!r}."
+      ) from None
+    if epoch in checkpoints.RunCheckpoints(workdir).epochs(checkpoints.BEST):
+      kind = checkpoints.BEST
+
+  run_checkpoints = checkpoints.RunCheckpoints(workdir)
+  template = _state_template(config, len(class_names), backbone['params'])
+  state, progress = run_checkpoints.restore(kind, template, epoch)
+  run_checkpoints.close()
+
+  if config['mode'] == 'full_network':
+    params = dict(backbone['params'])
+    params.update(state.params['backbone'])
+    backbone = {'params': params, 'batch_stats': backbone['batch_stats']}
+    head_params = state.params['head']
+  else:
+    head_params = state.params
+
+  description = f'{kind} (epoch {progress["epoch"]})'
+  logger.info('Loaded the %s checkpoint of %s', description, workdir)
+  return TrainedClassifier(
+      workdir=workdir,
+      config=config,
+      class_names=class_names,
+      input_convention=config['input_convention'],
+      backbone=backbone,
+      head={'params': head_params},
+      checkpoint=description,
+  )
+
+
+def make_predict_fn(trained: TrainedClassifier):
+  """Return a jitted fn(pixels [N, H, W, 3] in 0..255) -> probabilities [N, C]."""
+  backbone = models.InceptionResNetV2(dtype=jnp.dtype(trained.config['compute_dtype']))
+  head = trained.head_module
+
+  @jax.jit
+  def predict(backbone_variables, head_variables, pixels):
+    images = preprocessing.preprocess(pixels, trained.input_convention)
+    logits = head.apply(head_variables, backbone.apply(backbone_variables, images))
+    return jax.nn.softmax(logits)
+
+  return lambda pixels: predict(trained.backbone, trained.head, pixels)
+
+
+def predict_probabilities(
+    trained: TrainedClassifier, pixels: np.ndarray, batch_size: int = 16, description: str = 'predict'
+) -> np.ndarray:
+  """Return class probabilities [N, C] for RGB pixels in 0..255, with progress."""
+  predict = make_predict_fn(trained)
+  outputs = []
+  for first in tqdm(range(0, len(pixels), batch_size), desc=description, unit='batch', leave=False):
+    batch = pixels[first:first + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
+    outputs.append(np.asarray(predict(batch))[:real])
+  if not outputs:
+    return np.zeros((0, len(trained.class_names)), np.float32)
+  return np.concatenate(outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledImages:
+  """Decoded images of one evaluation set, in manifest (path) order."""
+
+  name: str
+  root: Path
+  pixels: np.ndarray
+  labels: np.ndarray
+  paths: list[str]
+  skipped: list[tuple[str, str]]
+
+
+def load_labeled_images(
+    trained: TrainedClassifier, data_dir: str | Path | None = None, split: str = 'test'
+) -> LabeledImages:
+  """Load the images to evaluate, with labels in the model's class order.
+
+  Without `data_dir`, the split comes from the training data and the
+  workdir's manifest.csv (every file checked against its recorded sha256).
+  With `data_dir`, any class-folder dataset whose class names equal the
+  model's: its `split` subfolder if it is pre-split, else every image.
+
+  Raises:
+    ValueError: if the classes of `data_dir` differ from the model's, or the
+      split does not exist.
+  """
+  config = trained.config
+  if data_dir is None:
+    dataset = data.load_class_folder(
+        config['data_root'],
+        image_size=trained.image_size,
+        resize=trained.resize,
+        manifest=trained.workdir / experiment.MANIFEST_FILE,
+        tfds_data_dir=trained.workdir / 'tfds',
+    )
+    if split not in dataset.splits:
+      raise ValueError(
+          f'Split {split!r} not found in {config["data_root"]}; available: '
+          f'{sorted(dataset.splits)}.'
+      )
+    chosen = dataset.splits[split]
+    return LabeledImages(split, Path(config['data_root']), chosen.images,
+                         np.asarray(chosen.labels), list(chosen.paths), [])
+
+  scan = data.scan_class_folder(data_dir)
+  if list(scan.class_names) != trained.class_names:
+    raise ValueError(
+        f'The classes of {data_dir} {list(scan.class_names)} do not match the '
+        f"model's {trained.class_names}. Evaluate on folders named exactly as "
+        'the training classes.'
+    )
+  files = [f for f in scan.files if not scan.presplit or f.split == split]
+  if scan.presplit and not files:
+    raise ValueError(f'{data_dir} has no {split!r} split; available: {list(scan.split_names)}.')
+  skipped = [(f.path, 'not an image file extension') for f in files if not f.has_image_extension]
+  files = [f for f in files if f.has_image_extension]
+
+  decoded = data.decode_files(
+      [scan.root / f.path for f in files], trained.image_size, trained.resize
+  )
+  by_path = {str(scan.root / f.path): f for f in files}
+  labels = np.asarray(
+      [trained.class_names.index(by_path[p].class_name) for p in decoded.paths], np.int32
+  )
+  relative = [by_path[p].path for p in decoded.paths]
+  skipped += [(str(Path(e.path).relative_to(scan.root)), e.reason) for e in decoded.errors]
+  name = split if scan.presplit else Path(data_dir).name
+  return LabeledImages(name, scan.root, decoded.images, labels, relative, skipped)
+
+
+def write_predictions(path: Path, images: LabeledImages, probabilities: np.ndarray, class_names) -> None:
+  """Write predictions.csv: path, true class, predicted class, one column per class."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['path', 'true_class', 'predicted_class', *[f'p_{c}' for c in class_names]])
+    for row_path, label, row in zip(images.paths, images.labels, probabilities):
+      writer.writerow([
+          row_path, class_names[label], class_names[int(np.argmax(row))],
+          *[f'{p:.9g}' for p in row],
+      ])
