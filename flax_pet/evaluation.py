@@ -22,9 +22,12 @@ from tqdm import tqdm
 from flax_pet import checkpoints
 from flax_pet import data
 from flax_pet import experiment
+from flax_pet import explain
 from flax_pet import finetune
+from flax_pet import metrics
 from flax_pet import models
 from flax_pet import preprocessing
+from flax_pet import report
 from flax_pet import training
 
 logger = logging.getLogger(__name__)
@@ -260,3 +263,207 @@ def write_predictions(path: Path, images: LabeledImages, probabilities: np.ndarr
           row_path, class_names[label], class_names[int(np.argmax(row))],
           *[f'{p:.9g}' for p in row],
       ])
+
+
+def _mask_class(images: LabeledImages, mask_dir: Path, class_names) -> int | None:
+  """Return the class whose images have masks in `mask_dir` (e.g. 'Cancer')."""
+  with_masks = {int(label) for path, label in zip(images.paths, images.labels)
+                if (mask_dir / Path(path).name).is_file()}
+  if len(with_masks) > 1:
+    raise ValueError(
+        f'Masks in {mask_dir} match images of several classes '
+        f'{[class_names[i] for i in sorted(with_masks)]}; the pointing game '
+        'needs masks of one class.'
+    )
+  return with_masks.pop() if with_masks else None
+
+
+def evaluate_run(
+    workdir: str | Path,
+    *,
+    checkpoint: str = 'best',
+    data_dir: str | Path | None = None,
+    split: str = 'test',
+    output_dir: str | Path | None = None,
+    gradcam_per_class: int = 0,
+    mask_dir: str | Path | None = None,
+    n_resamples: int = metrics.DEFAULT_RESAMPLES,
+    batch_size: int = 16,
+) -> dict:
+  """Evaluate a trained run and write metrics.json, predictions.csv, report.html.
+
+  Args:
+    workdir: the `train.py` workdir.
+    checkpoint: 'best', 'latest' or a saved epoch number.
+    data_dir: evaluate this class-folder dataset instead of the run's split.
+    split: which split ('test' by default).
+    output_dir: where to write; default WORKDIR/eval.
+    gradcam_per_class: Grad-CAM overlays to save for the first images (in
+      path order) of each true class.
+    mask_dir: tumour masks named like the images; adds the pointing game.
+    n_resamples: bootstrap resamples of the confidence intervals.
+    batch_size: images per forward pass.
+
+  Returns:
+    The metrics dict written to metrics.json.
+  """
+  trained = load_trained(workdir, checkpoint)
+  output_dir = Path(output_dir) if output_dir else trained.workdir / 'eval'
+  output_dir.mkdir(parents=True, exist_ok=True)
+
+  images = load_labeled_images(trained, data_dir, split)
+  for path, reason in images.skipped:
+    logger.warning('Not evaluated: %s (%s)', path, reason)
+  if len(images.labels) == 0:
+    raise ValueError(f'No decodable images to evaluate in {images.root} ({split}).')
+  logger.info('Evaluating %d images of %s (%s).', len(images.labels), images.root, images.name)
+
+  probabilities = predict_probabilities(trained, images.pixels, batch_size, f'{images.name} predictions')
+  write_predictions(output_dir / 'predictions.csv', images, probabilities, trained.class_names)
+  result = metrics.evaluate_classification(
+      images.labels, probabilities, trained.class_names, n_resamples=n_resamples
+  )
+  result['evaluated'] = {
+      'data_root': str(images.root),
+      'split': images.name,
+      'checkpoint': trained.checkpoint,
+      'workdir': str(trained.workdir),
+      'skipped': [{'path': p, 'reason': r} for p, r in images.skipped],
+  }
+
+  # Grad-CAM overlays and the pointing game.
+  overlays, pointing = [], None
+  backbone_dtype = jnp.dtype(trained.config['compute_dtype'])
+  if gradcam_per_class > 0:
+    chosen = np.concatenate([
+        np.flatnonzero(images.labels == c)[:gradcam_per_class]
+        for c in range(len(trained.class_names))
+    ]).astype(int)
+    cams = explain.gradcam(
+        trained.backbone, trained.head, images.pixels[chosen], trained.input_convention,
+        batch_size=min(batch_size, 8), dtype=backbone_dtype,
+    )
+    overlays = explain.save_overlays(
+        output_dir / 'gradcam', [images.paths[i] for i in chosen], images.pixels[chosen],
+        cams, trained.class_names, labels=images.labels[chosen],
+    )
+    logger.info('Saved %d Grad-CAM overlays to %s', len(overlays), output_dir / 'gradcam')
+
+  if mask_dir is not None:
+    mask_dir = Path(mask_dir)
+    target = _mask_class(images, mask_dir, trained.class_names)
+    if target is None:
+      logger.warning('No image of this set has a mask in %s; no pointing game.', mask_dir)
+    else:
+      chosen = np.flatnonzero(images.labels == target)
+      cams = explain.gradcam(
+          trained.backbone, trained.head, images.pixels[chosen], trained.input_convention,
+          targets=target, batch_size=min(batch_size, 8), dtype=backbone_dtype,
+      )
+      pointing = explain.pointing_game(
+          cams.heatmaps, [images.root / images.paths[i] for i in chosen], mask_dir,
+          trained.image_size, trained.resize,
+      )
+      pointing['target_class'] = trained.class_names[target]
+      result['pointing_game'] = pointing
+      if pointing['hit_rate'] is not None:
+        logger.info(
+            'Pointing game (%s): hit rate %.3f (95%% CI %.3f-%.3f, n=%d); random baseline %.3f.',
+            trained.class_names[target], pointing['hit_rate']['value'],
+            pointing['hit_rate']['ci_low'], pointing['hit_rate']['ci_high'],
+            pointing['hit_rate']['n'], pointing['baseline']['value'],
+        )
+
+  (output_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+  provenance = {
+      'workdir': str(trained.workdir),
+      'checkpoint': trained.checkpoint,
+      'input_convention': trained.input_convention,
+      'weights': trained.config.get('weights_provenance'),
+  }
+  report_path = report.write_report(
+      output_dir, result, trained.class_names,
+      history_path=trained.workdir / experiment.METRICS_FILE,
+      gradcam_images=overlays, pointing_game=pointing, provenance=provenance,
+      dataset={'name': images.name, 'data_dir': str(images.root), 'n': int(len(images.labels))},
+  )
+  logger.info('Wrote %s, %s and %s', output_dir / 'metrics.json', output_dir / 'predictions.csv', report_path)
+  return result
+
+
+def list_image_files(inputs) -> list[Path]:
+  """Expand files and folders (searched recursively) into image files, sorted."""
+  files = []
+  for item in map(Path, inputs):
+    if item.is_dir():
+      files += sorted(p for p in item.rglob('*')
+                      if p.is_file() and p.suffix.lower() in data.defaults.IMAGE_EXTENSIONS
+                      and not any(part.startswith('.') for part in p.relative_to(item).parts))
+    elif item.is_file():
+      files.append(item)
+    else:
+      raise FileNotFoundError(f'{item}: no such file or folder.')
+  return files
+
+
+def predict_files(
+    workdir: str | Path,
+    inputs,
+    output_csv: str | Path,
+    *,
+    checkpoint: str = 'best',
+    gradcam_dir: str | Path | None = None,
+    batch_size: int = 16,
+    strict: bool = False,
+) -> list[tuple[str, str]]:
+  """Write class probabilities of unlabeled images to a CSV.
+
+  Files that cannot be decoded get a row with status 'skipped' and the reason
+  (or raise with `strict`); no other image takes their place.
+
+  Args:
+    workdir: the `train.py` workdir.
+    inputs: image files and folders (searched recursively).
+    output_csv: the CSV to write: path, status, reason, predicted class, one
+      probability column per class.
+    checkpoint: 'best', 'latest' or a saved epoch number.
+    gradcam_dir: also save a Grad-CAM overlay per image here.
+    batch_size: images per forward pass.
+    strict: raise on the first file that cannot be decoded.
+
+  Returns:
+    The skipped files as (path, reason).
+  """
+  trained = load_trained(workdir, checkpoint)
+  files = list_image_files(inputs)
+  if not files:
+    raise ValueError(f'No image files found in {list(map(str, inputs))}.')
+  decoded = data.decode_files(files, trained.image_size, trained.resize, strict=strict)
+  skipped = [(str(e.path), e.reason) for e in decoded.errors]
+  probabilities = predict_probabilities(trained, decoded.images, batch_size)
+
+  by_path = dict(zip(decoded.paths, probabilities))
+  reasons = dict(skipped)
+  output_csv = Path(output_csv)
+  output_csv.parent.mkdir(parents=True, exist_ok=True)
+  with open(output_csv, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['path', 'status', 'reason', 'predicted_class',
+                     *[f'p_{c}' for c in trained.class_names]])
+    for path in map(str, files):
+      if path in by_path:
+        row = by_path[path]
+        writer.writerow([path, 'ok', '', trained.class_names[int(np.argmax(row))],
+                         *[f'{p:.9g}' for p in row]])
+      else:
+        writer.writerow([path, 'skipped', reasons.get(path, 'not decoded'), '',
+                         *[''] * len(trained.class_names)])
+
+  if gradcam_dir is not None and len(decoded.paths):
+    cams = explain.gradcam(
+        trained.backbone, trained.head, decoded.images, trained.input_convention,
+        batch_size=min(batch_size, 8), dtype=jnp.dtype(trained.config['compute_dtype']),
+    )
+    explain.save_overlays(gradcam_dir, decoded.paths, decoded.images, cams, trained.class_names)
+  logger.info('Wrote predictions for %d of %d files to %s', len(decoded.paths), len(files), output_csv)
+  return skipped
