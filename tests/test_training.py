@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from flax_pet import models
@@ -174,3 +175,27 @@ def test_sigkill_and_rerun_gives_same_result(tmp_path):
   assert resumed == expected
   lines = (interrupted / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(line)['epoch'] for line in lines] == list(range(30))
+
+
+@pytest.mark.slow
+def test_full_network_fine_tunes_top_block(tmp_path):
+  from flax_pet import evaluation  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / 'finetune'
+  subprocess.run(
+      [sys.executable, str(REPO / 'train.py'), '--config', str(REPO / 'configs' / 'demo.py'),
+       '--workdir', str(workdir), '--config.image_size=75', '--config.demo_images_per_class=8',
+       '--config.num_epochs=1', '--config.mode=full_network', '--config.unfreeze_top_blocks=1',
+       '--config.batch_size=4', '--config.hidden_units=16'],
+      check=True, capture_output=True, cwd=REPO,
+  )
+
+  trained = evaluation.load_trained(workdir)
+  frozen = ocp.StandardCheckpointer().restore(workdir / 'backbone')
+
+  tuned_kernel = trained.backbone['params']['block8_10']['up']['kernel']
+  frozen_kernel = frozen['params']['block8_10']['up']['kernel']
+  assert not np.allclose(tuned_kernel, frozen_kernel)
+  np.testing.assert_array_equal(
+      trained.backbone['params']['block8_9']['up']['kernel'],
+      frozen['params']['block8_9']['up']['kernel'],
+  )
