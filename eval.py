@@ -6,8 +6,9 @@ and prints a classification report.
 """
 
 import argparse
-import logging
 import sys
+
+import flax_pet
 
 from flax_pet import evaluation
 from flax_pet import metrics
@@ -34,8 +35,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True)
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  flax_pet.setup_logging()
   args = parse_args(argv)
   try:
     result = evaluation.evaluate_run(

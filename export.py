@@ -7,8 +7,9 @@ TensorFlow SavedModel made with jax2tf.
 """
 
 import argparse
-import logging
 import sys
+
+import flax_pet
 
 from flax_pet import evaluation
 from flax_pet import export
@@ -27,8 +28,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True)
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  flax_pet.setup_logging()
   args = parse_args(argv)
   try:
     trained = evaluation.load_trained(args.workdir, args.checkpoint)

@@ -7,8 +7,9 @@ column per class.
 """
 
 import argparse
-import logging
 import sys
+
+import flax_pet
 
 from flax_pet import evaluation
 
@@ -29,8 +30,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True)
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  flax_pet.setup_logging()
   args = parse_args(argv)
   try:
     skipped = evaluation.predict_files(

@@ -5,12 +5,11 @@ Config values can be overridden on the command line, e.g.
 Running the same command again resumes from the workdir's latest checkpoint.
 """
 
-import logging
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import flax_pet
 from flax_pet import experiment
 
 FLAGS = flags.FLAGS
@@ -22,11 +21,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.basicConfig(
-      level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True
-  )
-  # Orbax logs every checkpoint step through absl at INFO; keep warnings only.
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  flax_pet.setup_logging()
   experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

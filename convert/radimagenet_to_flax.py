@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 
+import flax_pet
 from flax_pet import keras_weights
 from flax_pet import preprocessing
 from flax_pet import pretrained
@@ -42,7 +43,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  flax_pet.setup_logging()
   args = parse_args(argv)
 
   try:

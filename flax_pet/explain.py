@@ -114,8 +114,8 @@ def feature_gradcam(
   Returns:
     A `GradCamResult` of JAX arrays.
   """
-  head_params = _unwrap_params(head_params)
-  num_classes, hidden_units = _head_shape(head_params)
+  head_params = models.unwrap_head_params(head_params)
+  num_classes, hidden_units = models.head_shape(head_params)
   head = models.ClassifierHead(num_classes, hidden_units)
   features = features.astype(jnp.float32)
 
@@ -236,7 +236,7 @@ def gradcam(
     )
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  num_classes, _ = _head_shape(_unwrap_params(head_params))
+  num_classes, _ = models.head_shape(models.unwrap_head_params(head_params))
   target_array = _check_targets(targets, len(pixels), num_classes)
 
   gradcam_fn = make_gradcam(convention, dtype)
@@ -686,26 +686,6 @@ def pointing_game(
   fractions = np.array([record['mask_fraction'] for record in records])
   result['baseline'] = _baseline(fractions, confidence, n_resamples, seed)
   return result
-
-
-def _unwrap_params(head_params):
-  if 'params' in head_params and 'hidden' not in head_params:
-    return head_params['params']
-  return head_params
-
-
-def _head_shape(head_params) -> tuple[int, int]:
-  """Return (num_classes, hidden_units) from the head's parameter shapes."""
-  try:
-    hidden_units = head_params['hidden']['kernel'].shape[1]
-    num_classes = head_params['logits']['kernel'].shape[1]
-  except (KeyError, TypeError, AttributeError, IndexError) as error:
-    raise ValueError(
-        'head_params must be ClassifierHead parameters with '
-        "['hidden']['kernel'] and ['logits']['kernel'], got keys "
-        f'{list(head_params)}.'
-    ) from error
-  return num_classes, hidden_units
 
 
 def _check_targets(targets, count, num_classes) -> np.ndarray:

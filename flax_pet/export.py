@@ -142,8 +142,8 @@ def classifier_fn(
     returns float32 [N, C] probabilities.
   """
   preprocessing.check_convention(convention)
-  head_params = _unwrap_params(head_params)
-  num_classes, hidden_units = _head_shape(head_params)
+  head_params = models.unwrap_head_params(head_params)
+  num_classes, hidden_units = models.head_shape(head_params)
   backbone = models.InceptionResNetV2(dtype=dtype)
   head = models.ClassifierHead(num_classes, hidden_units)
 
@@ -196,7 +196,7 @@ def export_classifier(
       is below 75 px.
   """
   height, width = _image_size(image_size)
-  num_classes, _ = _head_shape(_unwrap_params(head_params))
+  num_classes, _ = models.head_shape(models.unwrap_head_params(head_params))
   class_names = [str(name) for name in class_names]
   if len(class_names) != num_classes:
     raise ValueError(
@@ -320,7 +320,7 @@ def _write_saved_model(directory, backbone_variables, head_params, convention,
   # tf.Module wraps dicts in trackable types that jax does not flatten, so
   # the weights travel as a flat list and are rebuilt inside the function.
   leaves, treedef = jax.tree_util.tree_flatten(
-      (backbone_variables, _unwrap_params(head_params)))
+      (backbone_variables, models.unwrap_head_params(head_params)))
 
   def predict(weights, pixels):
     backbone, head = jax.tree_util.tree_unflatten(treedef, weights)
@@ -362,23 +362,3 @@ def _image_size(image_size) -> tuple[int, int]:
         f'needs at least {models.MIN_INPUT_SIZE} px per side.'
     )
   return height, width
-
-
-def _unwrap_params(head_params):
-  if 'params' in head_params and 'hidden' not in head_params:
-    return head_params['params']
-  return head_params
-
-
-def _head_shape(head_params) -> tuple[int, int]:
-  """Return (num_classes, hidden_units) from the head's parameter shapes."""
-  try:
-    hidden_units = head_params['hidden']['kernel'].shape[1]
-    num_classes = head_params['logits']['kernel'].shape[1]
-  except (KeyError, TypeError, AttributeError, IndexError) as error:
-    raise ValueError(
-        'head_params must be ClassifierHead parameters with '
-        "['hidden']['kernel'] and ['logits']['kernel'], got keys "
-        f'{list(head_params)}.'
-    ) from error
-  return num_classes, hidden_units

@@ -321,6 +321,31 @@ class ClassifierHead(nn.Module):
     return x.astype(jnp.float32)
 
 
+def unwrap_head_params(head_params: dict) -> dict:
+  """Return ClassifierHead parameters, unwrapping a {'params': ...} dict."""
+  if 'params' in head_params and 'hidden' not in head_params:
+    return head_params['params']
+  return head_params
+
+
+def head_shape(head_params: dict) -> tuple[int, int]:
+  """Return (num_classes, hidden_units) from ClassifierHead parameter shapes.
+
+  Raises:
+    ValueError: if the parameters are not those of a ClassifierHead.
+  """
+  try:
+    hidden_units = head_params['hidden']['kernel'].shape[1]
+    num_classes = head_params['logits']['kernel'].shape[1]
+  except (KeyError, TypeError, AttributeError, IndexError) as error:
+    raise ValueError(
+        'head_params must be ClassifierHead parameters with '
+        "['hidden']['kernel'] and ['logits']['kernel'], got keys "
+        f'{list(head_params)}.'
+    ) from error
+  return num_classes, hidden_units
+
+
 class Classifier(nn.Module):
   """Backbone and head in one module: images in, logits out."""
 

@@ -1,6 +1,5 @@
 """Tests for flax_pet.explain: Grad-CAM, overlays, mask geometry, pointing game."""
 
-import math
 import shutil
 
 import jax
@@ -13,33 +12,12 @@ from flax_pet import explain
 from flax_pet import metrics
 from flax_pet import models
 from flax_pet.data import decode
+from tests.flax_helpers import random_backbone_variables
 
 # 139 px is the smallest input with a 3x3 feature grid, so the heatmap has a
 # location; 75 to 106 px give a 1x1 grid.
 GRID_IMAGE_SIZE = 139
 FEATURES = models.FEATURE_CHANNELS
-
-
-def random_backbone_variables(image_size, seed=0):
-  """Random IRV2 variables like Flax's LeCun-normal init, without compiling init."""
-  model = models.InceptionResNetV2()
-  shapes = jax.eval_shape(
-      model.init, jax.random.PRNGKey(0),
-      jnp.zeros((1, image_size, image_size, 3)),
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_in = math.prod(leaf.shape[:-1])
-      return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(
-          np.float32)
-    if name == 'var':
-      return np.ones(leaf.shape, np.float32)
-    return np.zeros(leaf.shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def one_channel_head(channel, num_features, target=1, num_classes=2):

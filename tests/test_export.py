@@ -1,7 +1,6 @@
 """Tests for flax_pet.export: jax.export round trip and the TF SavedModel."""
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,33 +10,12 @@ import pytest
 from flax_pet import export
 from flax_pet import models
 from flax_pet import preprocessing
+from tests.flax_helpers import random_backbone_variables
 
 IMAGE_SIZE = 96
 CLASS_NAMES = ['Cancer', 'No cancer', 'other']
 CONVENTION = 'radimagenet'
 HIDDEN_UNITS = 16
-
-
-def random_backbone_variables(image_size, seed=0):
-  """Random IRV2 variables like Flax's LeCun-normal init, without compiling init."""
-  model = models.InceptionResNetV2()
-  shapes = jax.eval_shape(
-      model.init, jax.random.PRNGKey(0),
-      jnp.zeros((1, image_size, image_size, 3)),
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_in = math.prod(leaf.shape[:-1])
-      return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(
-          np.float32)
-    if name == 'var':
-      return np.ones(leaf.shape, np.float32)
-    return np.zeros(leaf.shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def random_head(seed=1):

@@ -1,5 +1,14 @@
 """Class-folder PET image datasets: decoding, TFDS storage, splits, manifest, augmentation."""
 
+import tensorflow as tf
+
+# TensorFlow only reads and decodes data here. Without this it would reserve
+# GPU memory that JAX needs.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialized its devices elsewhere.
+  pass
+
 from flax_pet.data.augment import (
     adjust_contrast,
     augment,
