@@ -23,6 +23,12 @@ LATEST = 'latest'
 BEST = 'best'
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+  """Whether `workdir` contains a finished 'latest' checkpoint to resume from."""
+  folder = Path(workdir) / 'checkpoints' / LATEST
+  return folder.is_dir() and any(entry.name.isdigit() for entry in folder.iterdir())
+
+
 class RunCheckpoints:
   """The latest and best checkpoint managers of one workdir."""
 
@@ -81,7 +87,10 @@ class RunCheckpoints:
             progress=ocp.args.JsonRestore(),
         ),
     )
-    logger.info('Restored the %s checkpoint of epoch %d from %s', kind, epoch, manager.directory)
+    logger.info(
+        'Restored the %s checkpoint saved after epoch %d (index %d in metrics.jsonl) from %s',
+        kind, epoch + 1, epoch, manager.directory,
+    )
     return restored['state'], restored['progress']
 
   def wait(self) -> None:

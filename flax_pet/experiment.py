@@ -18,6 +18,7 @@ Running the same command again resumes from `checkpoints/latest`.
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from flax_pet import features as features_lib
 from flax_pet import losses
 from flax_pet import metrics as metrics_lib
 from flax_pet import models
+from flax_pet import preprocessing
 from flax_pet import pretrained
 from flax_pet import schedules
 from flax_pet import training
@@ -104,9 +106,9 @@ def load_backbone_weights(config) -> Backbone:
       'RadImageNet-IRV2_notop.h5 with convert/radimagenet_to_flax.py and pass '
       'it as --config.weights. !!!', config.seed,
   )
-  _, variables = models.init_backbone(jax.random.key(config.seed), config.image_size)
+  variables = models.random_backbone_variables(config.seed)
   return Backbone(
-      jax.device_get(variables), config.input_convention or 'unit',
+      variables, config.input_convention or 'unit',
       {'source_file': None, 'random_seed': config.seed},
   )
 
@@ -174,10 +176,13 @@ def _learning_rate(config, plateau: schedules.PlateauSchedule | None, epoch: int
   return schedules.table_learning_rate(epoch, [tuple(row) for row in config.lr_table])
 
 
-def _save_backbone(workdir: Path, backbone: Backbone) -> None:
+def _save_backbone(workdir: Path, backbone: Backbone, resuming: bool) -> None:
+  """Save the backbone once per run; a fresh run replaces a stale copy."""
   path = workdir.absolute() / BACKBONE_DIR
-  if path.exists():
+  if path.exists() and resuming:
     return
+  if path.exists():
+    shutil.rmtree(path)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, backbone.variables)
   checkpointer.wait_until_finished()
@@ -228,6 +233,83 @@ class CachedFeatureTrainer:
     return float(loss), np.asarray(probabilities)
 
 
+# Config keys that may change when a run is resumed. Data and weights are
+# compared by content (manifest and sha256), not by path.
+_RESUMABLE_KEYS = frozenset({
+    'num_epochs', 'log_every_epochs', 'feature_batch_size', 'data_dir',
+    'data_root', 'weights', 'weights_provenance',
+})
+
+
+def validate_config(config) -> None:
+  """Raise ValueError naming the first invalid config value, before any work."""
+  checks = [
+      (config.batch_size >= 1, 'batch_size', 'a positive number of images'),
+      (config.num_epochs >= 1, 'num_epochs', 'at least 1'),
+      (config.image_size >= models.MIN_INPUT_SIZE, 'image_size',
+       f'at least {models.MIN_INPUT_SIZE} pixels'),
+      (config.augmented_views >= 1, 'augmented_views', 'at least 1'),
+      (config.early_stopping_patience >= 0, 'early_stopping_patience', '0 or more epochs'),
+      (config.input_convention in ('',) + preprocessing.CONVENTIONS, 'input_convention',
+       f"'' (use the weights') or one of {preprocessing.CONVENTIONS}"),
+      (config.mode in ('cached_features', 'full_network'), 'mode',
+       "'cached_features' or 'full_network'"),
+      (config.lr_schedule in ('table', 'plateau'), 'lr_schedule', "'table' or 'plateau'"),
+      (config.class_weights in ('balanced', 'none'), 'class_weights', "'balanced' or 'none'"),
+  ]
+  for valid, key, expected in checks:
+    if not valid:
+      raise ValueError(f'Invalid --config.{key}={config[key]!r}: it must be {expected}.')
+  if config.weights and not Path(config.weights).exists():
+    raise FileNotFoundError(
+        f'--config.weights={config.weights}: no such file or folder. Pass a '
+        'converted weights folder or a Keras .h5 file.'
+    )
+
+
+def _check_resumable(workdir: Path, resolved: dict, manifest) -> None:
+  """Raise if the run saved in `workdir` differs from the one configured now.
+
+  A resumed run must train the same head on the same data and features, or
+  its checkpoints, metrics.jsonl and config.json would describe a mixture.
+  """
+  saved = json.loads((workdir / CONFIG_FILE).read_text())
+  current = json.loads(json.dumps(resolved, default=str))
+  differing = sorted(
+      key for key in set(saved) | set(current)
+      if key not in _RESUMABLE_KEYS and saved.get(key) != current.get(key)
+  )
+
+  saved_weights = saved.get('weights_provenance') or {}
+  current_weights = current.get('weights_provenance') or {}
+  for key in ('source_sha256', 'random_seed'):
+    if saved_weights.get(key) != current_weights.get(key):
+      differing.append(f'weights ({key})')
+
+  if differing:
+    changes = '; '.join(
+        f'{key}: {saved.get(key)!r} -> {current.get(key)!r}' for key in differing[:5]
+    )
+    raise ValueError(
+        f'{workdir} contains a run with another config ({changes}). Use a new '
+        '--workdir, or rerun with the same config to resume it.'
+    )
+
+  saved_rows = {row.path: row for row in data.read_manifest(workdir / MANIFEST_FILE)}
+  for row in manifest:
+    old = saved_rows.pop(row.path, None)
+    if old is None or (old.sha256, old.split, old.status) != (row.sha256, row.split, row.status):
+      raise ValueError(
+          f'{workdir} contains a run on other data: {row.path} is new or changed '
+          '(content, split or status) since it started. Use a new --workdir.'
+      )
+  if saved_rows:
+    raise ValueError(
+        f'{workdir} contains a run on other data: {next(iter(saved_rows))} is no '
+        'longer in the dataset. Use a new --workdir.'
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Train the classifier as configured and evaluate it on val and test.
 
@@ -238,8 +320,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   Returns:
     The summary written to `summary.json`.
   """
+  validate_config(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  resuming = checkpoints.has_checkpoint(workdir)
   logger.info(
       'JAX %s on %d %s device(s) over %d process(es).',
       jax.__version__, jax.device_count(), jax.devices()[0].platform,
@@ -256,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         'The dataset has no validation split, which early stopping needs; '
         'give split_ratios three entries such as (0.9, 0.05, 0.05).'
     )
-  data.write_manifest(dataset.manifest, workdir / MANIFEST_FILE)
   for name, split in dataset.splits.items():
     counts = np.bincount(split.labels, minlength=len(class_names))
     logger.info(
@@ -274,8 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       input_convention=backbone.input_convention,
       weights_provenance=backbone.provenance,
   )
+  if resuming:
+    _check_resumable(workdir, resolved, dataset.manifest)
   _write_json(workdir / CONFIG_FILE, resolved)
-  _save_backbone(workdir, backbone)
+  data.write_manifest(dataset.manifest, workdir / MANIFEST_FILE)
+  _save_backbone(workdir, backbone, resuming)
 
   # Loss.
   class_weights = None

@@ -199,3 +199,30 @@ def test_full_network_fine_tunes_top_block(tmp_path):
       trained.backbone['params']['block8_9']['up']['kernel'],
       frozen['params']['block8_9']['up']['kernel'],
   )
+
+
+@pytest.mark.slow
+def test_rerun_with_other_config_is_rejected(tmp_path):
+  workdir = tmp_path / 'run'
+  # Later flags override earlier ones.
+  command = train_command(workdir) + ['--config.num_epochs=2']
+  subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+  config_before = (workdir / 'config.json').read_text()
+
+  changed = subprocess.run(
+      command + ['--config.hidden_units=64'], capture_output=True, text=True, cwd=REPO
+  )
+
+  assert changed.returncode != 0
+  assert 'contains a run with another config (hidden_units: 32 -> 64)' in changed.stderr
+  assert (workdir / 'config.json').read_text() == config_before
+
+
+def test_invalid_config_value_is_named():
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  from flax_pet import experiment  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  config.batch_size = 0
+
+  with pytest.raises(ValueError, match=r'Invalid --config.batch_size=0'):
+    experiment.validate_config(config)

@@ -155,6 +155,13 @@ def _visible_subfolders(folder: Path) -> list[Path]:
   )
 
 
+def _is_sidecar(path: Path) -> bool:
+  """Whether `path` is the JSON sidecar `flax_pet.ingest` writes beside an image."""
+  return path.suffix.lower() == '.json' and any(
+      path.with_suffix(extension).is_file() for extension in defaults.IMAGE_EXTENSIONS
+  )
+
+
 def _scan_classes(
     root: Path, folder: Path, split: str | None
 ) -> tuple[tuple[str, ...], list[SourceFile]]:
@@ -180,7 +187,7 @@ def _scan_classes(
             entry,
         )
         continue
-      if not entry.is_file():
+      if not entry.is_file() or _is_sidecar(entry):
         continue
       stat = entry.stat()
       class_files.append(
