@@ -239,6 +239,11 @@ def read_keras_h5(path: str | Path) -> KerasWeightFile:
       Keras layer list.
   """
   path = Path(path)
+  if path.is_dir():
+    raise WeightFileError(
+        f'{path}: is a folder, not a Keras .h5 file. Pass the .h5 file; a '
+        'folder written by the converter is used as it is, with no conversion.'
+    )
   if not path.is_file():
     raise WeightFileError(f'{path}: weight file not found.')
   if not h5py.is_hdf5(path):

@@ -178,6 +178,19 @@ def test_hidden_entries_ignored(tmp_path):
   assert len(dataset.manifest) == 8
 
 
+def test_ingest_sidecars_ignored(tmp_path):
+  root = _make_folder(tmp_path / 'data', {'A': 4, 'B': 4})
+  (root / 'A' / 'ptA000_0.json').write_text('{"units": "SUV"}')
+  (root / 'A' / 'orphan.json').write_text('{}')
+
+  dataset = _load(root, tmp_path, split_ratios=(0.5, 0.5))
+
+  paths = [row.path for row in dataset.manifest]
+  assert 'A/ptA000_0.json' not in paths
+  assert 'A/orphan.json' in paths
+  assert len(paths) == 9
+
+
 def test_patients_never_span_splits(tmp_path):
   root = _make_folder(tmp_path / 'data', {'A': 30, 'B': 30}, images_per_patient=3)
   regex = r'^(pt\w\d+)_'
