@@ -95,7 +95,12 @@ def replicate(tree, mesh):
 
 
 def create_optimizer() -> optax.GradientTransformation:
-  """Adam (Keras defaults) whose learning rate is set before each epoch."""
+  """Adam with Keras' default settings; the learning rate is set per epoch.
+
+  NOTE: Keras adds epsilon to the square root of the uncorrected second
+  moment, optax to that of the bias-corrected one. In the training benchmark
+  this moved the final validation loss by about 2e-4.
+  """
   return optax.inject_hyperparams(optax.adam)(
       learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-7
   )
