@@ -23,6 +23,7 @@ from flax_pet import checkpoints
 from flax_pet import data
 from flax_pet import experiment
 from flax_pet import explain
+from flax_pet import features
 from flax_pet import finetune
 from flax_pet import metrics
 from flax_pet import models
@@ -157,12 +158,12 @@ def make_predict_fn(trained: TrainedClassifier):
   backbone = models.InceptionResNetV2(dtype=jnp.dtype(trained.config['compute_dtype']))
   head = trained.head_module
 
-  @jax.jit
   def predict(backbone_variables, head_variables, pixels):
     images = preprocessing.preprocess(pixels, trained.input_convention)
     logits = head.apply(head_variables, backbone.apply(backbone_variables, images))
     return jax.nn.softmax(logits)
 
+  predict = jax.jit(predict, compiler_options=features.backbone_compiler_options())
   return lambda pixels: predict(trained.backbone, trained.head, pixels)
 
 

@@ -243,7 +243,7 @@ class InceptionResNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    _check_input_shape(x)
+    check_input_shape(x)
     x = x.astype(self.dtype)
     conv = lambda f, k, name, **kw: ConvBN(f, k, dtype=self.dtype, name=name, **kw)
 
@@ -280,7 +280,8 @@ class InceptionResNetV2(nn.Module):
     return conv(FEATURE_CHANNELS, (1, 1), 'conv_7b')(x, train)
 
 
-def _check_input_shape(x):
+def check_input_shape(x):
+  """Raise ValueError unless x is NHWC with 3 channels and at least 75x75 px."""
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(
         f'Expected NHWC images with 3 channels, got shape {x.shape}. '

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from flax_pet import inference
 from flax_pet import keras_weights
 from flax_pet import models
 from flax_pet import preprocessing
@@ -188,7 +189,7 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
   )
 
 
-def load_backbone(path: str | Path) -> tuple[Callable, dict]:
+def load_backbone(path: str | Path, optimize: bool = False) -> tuple[Callable, dict]:
   """Load a pretrained InceptionResNetV2 backbone for inference.
 
   Example:
@@ -199,6 +200,10 @@ def load_backbone(path: str | Path) -> tuple[Callable, dict]:
 
   Args:
     path: a converted weights folder or a Keras .h5 file.
+    optimize: return the faster inference form of `flax_pet.inference`
+      (BatchNorm folded into the convolutions, fused XLA:CPU kernels, two
+      threads per batch on the CPU). Its `variables` are then the folded
+      weights, not the Flax module's {'params', 'batch_stats'}.
 
   Returns:
     `(apply_fn, variables)`: `apply_fn(variables, images)` is jit-compiled,
@@ -207,6 +212,8 @@ def load_backbone(path: str | Path) -> tuple[Callable, dict]:
     feature map.
   """
   pretrained = load_pretrained(path)
+  if optimize:
+    return inference.optimize_backbone(pretrained.backbone)
   model = models.InceptionResNetV2()
   apply_fn = jax.jit(lambda variables, images: model.apply(variables, images))
   return apply_fn, pretrained.backbone

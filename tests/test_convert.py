@@ -194,6 +194,15 @@ def test_load_backbone_accepts_h5_directly(weights_file, converted, random_batch
   )
 
 
+def test_load_backbone_optimized_matches(weights_file, converted, random_batch):
+  apply_fn, folded = pretrained.load_backbone(weights_file, optimize=True)
+
+  expected = np.asarray(flax_backbone(converted.backbone, random_batch))
+  actual = np.asarray(apply_fn(folded, random_batch))
+
+  assert max_relative_difference(expected, actual) < 1e-5
+
+
 def test_chunked_layer_names_are_read(tmp_path, keras_layers, converted):
   path = tmp_path / 'chunked.h5'
   keras_h5.write_weights_h5(path, keras_layers, attribute_limit=4096)
