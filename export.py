@@ -2,7 +2,7 @@
 
 Writes a serialized `jax.export` (StableHLO) function from RGB float32 pixels
 in 0..255 (NHWC, any batch size) to class probabilities, with its input
-convention applied inside, plus classifier.json; `--saved_model` adds a
+convention applied inside, plus classifier.json. `--saved_model` adds a
 TensorFlow SavedModel made with jax2tf.
 """
 

@@ -1,9 +1,9 @@
 """Two-class whole-body FDG-PET MIP folders (e.g. 'Cancer' / 'No cancer').
 
-The reference recipe adapted to two classes: focal alpha needs one entry per
-class (sorted folder order), MIPs are two to three times taller than wide, so
-they are padded to a square instead of stretched, and pixels are mapped with
-the input convention stored with the weights.
+The reference recipe adapted to two classes. Focal alpha needs one entry per
+class (sorted folder order). MIPs are two to three times taller than wide, so
+they are padded to a square instead of stretched. Pixels are mapped with the
+input convention stored with the weights.
 
 Usage:
   python train.py --config configs/pet_mip.py --workdir runs/pet_mip \

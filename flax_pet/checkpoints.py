@@ -2,7 +2,7 @@
 
 `WORKDIR/checkpoints/latest/<epoch>/` keeps the last few epochs for resuming;
 `WORKDIR/checkpoints/best/<epoch>/` keeps the epoch with the lowest validation
-loss, which early stopping restores. Each checkpoint holds the train state
+loss, which early stopping restores. Each checkpoint contains the train state
 (head parameters, Adam state, step) and a JSON 'progress' item with the
 schedule, early-stopping state and metric history, so a resumed run continues
 exactly where the last saved epoch ended.
@@ -24,7 +24,7 @@ BEST = 'best'
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
-  """Whether `workdir` contains a finished 'latest' checkpoint to resume from."""
+  """Return whether `workdir` contains a finished 'latest' checkpoint to resume from."""
   folder = Path(workdir) / 'checkpoints' / LATEST
   return folder.is_dir() and any(entry.name.isdigit() for entry in folder.iterdir())
 

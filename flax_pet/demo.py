@@ -1,6 +1,6 @@
 """Synthetic two-class images for the demo run (not PET data).
 
-Each image is a noisy, body-shaped ellipse of uniform brightness; images of the
+Each image is a noisy, body-shaped ellipse of uniform brightness. Images of the
 'hot spots' class add two to four small bright blobs, a crude stand-in for
 focal uptake. The demo exists to show the whole pipeline running in minutes
 without any data of the user's own; its numbers mean nothing clinically.
@@ -33,7 +33,7 @@ def _demo_image(rng: np.random.Generator, size: int, hot_spots: bool) -> np.ndar
 def write_demo_folder(root: str | Path, images_per_class: int, seed: int = 0, size: int = 128) -> Path:
   """Write a class-folder dataset of synthetic images under `root`.
 
-  Existing files are kept, so a resumed demo run sees identical images.
+  Existing files are kept, so a resumed demo run reads identical images.
 
   Returns:
     `root`, ready for `flax_pet.data.load_class_folder`.

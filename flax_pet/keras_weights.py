@@ -8,8 +8,8 @@ Two file layouts are accepted, both written by Keras' legacy HDF5 code
   layer with an attribute `weight_names`, arrays at `<layer>/<weight name>`;
 - a whole saved model (`model.save('x.h5')`): the same tree under
   `model_weights/`. When the backbone is a nested model, its group contains the
-  weights of all its layers, named `<layer>/<weight>`; when the model was
-  built from `base_model.output`, the backbone layers sit at the top level.
+  weights of all its layers, named `<layer>/<weight>`. When the model was
+  built from `base_model.output`, the backbone layers are at the top level.
   Dense layers after the backbone are imported as the classifier head.
 
 Keras names layers automatically (`conv2d_17`, `batch_normalization_203`) with

@@ -14,10 +14,10 @@ Each of these Keras details changes the output measurably, so all are kept:
   (block8) before the sum, and the last block8 has scale 1.0 and no ReLU.
 
 Why flax.linen rather than flax.nnx: the backbone is a frozen, pure function of
-(variables, images). Linen gives exactly that (`model.apply`), its variables are
-a plain pytree that Orbax saves and `jax.sharding` places without wrappers, and
-head training runs as one jitted `lax.scan` over plain arrays, which measured
-about three times faster than `nnx.jit` on this project's CPU prototype.
+(variables, images), which is exactly what `model.apply` is. Its variables are
+a plain pytree that Orbax saves and `jax.sharding` places without wrappers.
+Head training then runs as one jitted `lax.scan` over plain arrays. In a CPU
+prototype that was about three times faster than `nnx.jit`.
 """
 
 import functools

@@ -1,7 +1,7 @@
 """Input conventions: how 0..255 RGB pixels are mapped before the backbone.
 
-A backbone only gives the features it was trained for when it sees pixels in
-the range and channel order it was trained with. Three conventions matter here:
+A backbone only gives the features it was trained for when its input pixels
+have the range and channel order it was trained with. Three conventions matter here:
 
 - `radimagenet`: RadImageNet's own fine-tuning code. Keras' caffe-mode
   `preprocess_input` (RGB to BGR, subtract the ImageNet BGR means

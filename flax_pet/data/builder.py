@@ -250,17 +250,7 @@ class ClassFolderBuilder(tfds.core.GeneratorBasedBuilder):
     except DecodeError as error:
       return self._skip(entry, error.reason, sha256)
 
-    self._manifest_rows.append(
-        ManifestRow(
-            path=entry.path,
-            sha256=sha256,
-            class_name=entry.class_name,
-            label=config.class_names.index(entry.class_name),
-            split=entry.split,
-            patient_id=entry.patient_id,
-            status=STATUS_OK,
-        )
-    )
+    self._record(entry, sha256, STATUS_OK)
     return {
         'image': np.round(image * STORAGE_SCALE).astype(np.uint16),
         'label': config.class_names.index(entry.class_name),
@@ -280,19 +270,22 @@ class ClassFolderBuilder(tfds.core.GeneratorBasedBuilder):
       logger.warning('Skipping %s: %s', file_path, reason)
     if self._skip_count == _MAX_LOGGED_SKIPS:
       logger.warning('Further skipped files are listed in the manifest only')
+    self._record(entry, sha256, STATUS_SKIPPED, reason)
+    return None
+
+  def _record(self, entry: SourceEntry, sha256: str, status: str, reason: str = '') -> None:
     self._manifest_rows.append(
         ManifestRow(
             path=entry.path,
             sha256=sha256,
             class_name=entry.class_name,
-            label=config.class_names.index(entry.class_name),
+            label=self.builder_config.class_names.index(entry.class_name),
             split=entry.split,
             patient_id=entry.patient_id,
-            status=STATUS_SKIPPED,
+            status=status,
             reason=reason,
         )
     )
-    return None
 
   def _store_manifest(self) -> None:
     rows = sorted(self._manifest_rows, key=lambda row: row.path)

@@ -156,7 +156,7 @@ def _visible_subfolders(folder: Path) -> list[Path]:
 
 
 def _is_sidecar(path: Path) -> bool:
-  """Whether `path` is the JSON sidecar `flax_pet.ingest` writes beside an image."""
+  """Return whether `path` is the JSON sidecar `flax_pet.ingest` writes beside an image."""
   return path.suffix.lower() == '.json' and any(
       path.with_suffix(extension).is_file() for extension in defaults.IMAGE_EXTENSIONS
   )
