@@ -451,9 +451,11 @@ def fit(config, workdir: Path, trainer, class_names, mesh) -> dict:
 
     # Checkpoint before logging: a run killed in between redoes nothing and
     # rewrites metrics.jsonl from the checkpointed history on resume.
+    # Orbax saves asynchronously, so the checkpoint gets its own copy of the
+    # history: the list grows while the save may still be running.
     progress = {
         'epoch': epoch,
-        'history': history,
+        'history': [dict(row) for row in history],
         'early_stopping': stopper.to_dict(),
         'plateau': plateau.to_dict() if plateau is not None else None,
     }
